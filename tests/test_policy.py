@@ -29,7 +29,7 @@ ERR = (FreshdeskError("invalid_value", "It should be one of these values: '1,2,3
         (FreshdeskReply(201, ticket_id=7), Delivered(7, 201)),
         (FreshdeskReply(200, ticket_id=7), Delivered(7, 200)),
         (FreshdeskReply(400, errors=ERR), Rejected),
-        (FreshdeskReply(409), Transient),
+        (FreshdeskReply(409), Rejected),
         (FreshdeskReply(415), Rejected),
         (FreshdeskReply(422), Rejected),
         (FreshdeskReply(401), AccountProblem),

@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     freshdesk_api_key: SecretStr | None = Field(None, validation_alias=_env("FRESHDESK_API_KEY"))
     freshdesk_base_url: str | None = Field(None, description="override, e.g. the simulator")
     freshdesk_max_per_minute: int | None = Field(None, ge=1, le=100_000)
+    freshdesk_rate_window: float = Field(60.0, gt=0, le=3600, description="Freshdesk's window")
+    freshdesk_marker_field: str | None = Field(
+        None, pattern=r"^cf_[a-z0-9_]+$", description="text custom field holding the marker"
+    )
 
     # Delivery.
     batch_size: int = Field(10, ge=1, le=1000)

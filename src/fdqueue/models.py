@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -110,7 +110,8 @@ class TicketIn(BaseModel):
     source: Annotated[int, BeforeValidator(_code(SOURCES, "source"))] = 2
     type: Annotated[Text, StringConstraints(max_length=255)] | None = None
 
-    tags: list[Annotated[Text, StringConstraints(max_length=255)]] = Field(
+    # Freshdesk refuses tags longer than 32 characters.
+    tags: list[Annotated[Text, StringConstraints(max_length=32)]] = Field(
         default_factory=list, max_length=100
     )
     cc_emails: list[Email] = Field(default_factory=list, max_length=50)
@@ -178,6 +179,8 @@ class ClaimedTicket:
     created_at: datetime
     token: str
     reclaimed: bool = False
+    last_error: str | None = None
+    last_http_status: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +301,25 @@ class DrainCounts:
     failed: int = 0
     retried: int = 0
     deferred: int = 0
-    outcomes: list[str] = field(default_factory=list)
+    lost: int = 0
+
+    def add(self, label: str) -> None:
+        """Count one delivery by the label `Deliverer.deliver` returned."""
+        self.processed += 1
+        if label == "completed":
+            self.successful += 1
+        elif label == "failed":
+            self.failed += 1
+        elif label == "retry":
+            self.retried += 1
+        elif label == "deferred":
+            self.deferred += 1
+        else:
+            self.lost += 1
+
+    def merge(self, other: DrainCounts) -> None:
+        for name in ("processed", "successful", "failed", "retried", "deferred", "lost"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -307,4 +328,5 @@ class DrainCounts:
             "failed": self.failed,
             "retried": self.retried,
             "deferred": self.deferred,
+            "lost": self.lost,
         }

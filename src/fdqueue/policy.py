@@ -20,8 +20,9 @@ from fdqueue.models import (
 # Statuses that a retry cannot fix; everything else in 4xx that is not listed below is
 # treated the same way (DESIGN §6).
 ACCOUNT_STATUSES = frozenset({401, 403, 404})
-# 408 Request Timeout and 409 (a concurrent write inside Freshdesk) may pass on retry.
-TRANSIENT_4XX = frozenset({408, 409, 423, 425})
+# Request Timeout, Locked and Too Early may pass on retry; other 4xx (409 included: a
+# conflicting state such as an existing contact) will not.
+TRANSIENT_4XX = frozenset({408, 423, 425})
 
 
 def classify(result: SendResult, *, default_retry_after: float) -> Outcome:

@@ -135,7 +135,7 @@ SET status = 'processing',
 FROM picked
 WHERE q.id = picked.id
 RETURNING q.id, q.public_id, q.ticket_data, q.attempts, q.max_attempts, q.outcome_unknown,
-          q.created_at, picked.reclaimed
+          q.created_at, picked.reclaimed, q.error_message AS last_error, q.last_http_status
 """
 
 
