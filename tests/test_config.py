@@ -132,3 +132,10 @@ def test_full_domain_and_base_url_override(monkeypatch: pytest.MonkeyPatch) -> N
     assert load_settings().freshdesk_url == "https://acme.freshdesk.com"
     monkeypatch.setenv("FDQUEUE_FRESHDESK_BASE_URL", "http://127.0.0.1:8089/")
     assert load_settings().freshdesk_url == "http://127.0.0.1:8089"
+
+
+def test_default_tags_respect_freshdesk_tag_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freshdesk refuses tags over 32 characters, so such a default tag is refused at start-up."""
+    monkeypatch.setenv("FDQUEUE_DEFAULT_TAGS", "web-form," + "x" * 33)
+    with pytest.raises(ConfigError, match=r"^FDQUEUE_DEFAULT_TAGS: tags must be at most 32"):
+        load_settings()

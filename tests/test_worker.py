@@ -7,6 +7,7 @@ import itertools
 import random
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 import pytest
 import structlog
@@ -487,3 +488,78 @@ def test_next_daily_cleanup_time() -> None:
 
 
 _ = random
+
+
+async def test_pacing_follows_the_account_limit_with_almost_no_429(
+    db_url: str, pool: asyncpg.Pool, sim: RunningSimulator
+) -> None:
+    """A backlog is sent at the account's rate (X-RateLimit-Total per window), not in 429 bursts."""
+    sim.state.configure({"create_limit": 10, "window_seconds": 1.0})
+    settings = make_settings(db_url, sim.url, freshdesk_rate_window=1.0, concurrency=10)
+    await insert_tickets(pool, 35)
+    async with running_worker(settings, pool):
+        await wait_until(lambda: all_completed(pool, 35), within=60)
+    sent = creates(sim)
+    limited = [r for r in sent if r.status == 429]
+    assert len(limited) <= 1
+    assert len(sent) - len(limited) == 35
+
+
+async def test_own_rate_cap_spaces_creates(
+    db_url: str, pool: asyncpg.Pool, sim: RunningSimulator
+) -> None:
+    """FDQUEUE_FRESHDESK_MAX_PER_MINUTE caps creates even when Freshdesk would allow more."""
+    settings = make_settings(db_url, sim.url, freshdesk_max_per_minute=600)  # one per 0.1 s
+    await insert_tickets(pool, 6)
+    async with running_worker(settings, pool):
+        await wait_until(lambda: all_completed(pool, 6))
+    times = sorted(r.time for r in creates(sim))
+    assert all(b - a >= 0.09 for a, b in itertools.pairwise(times))
+
+
+async def test_b13_cleanup_during_delivery_leaves_live_rows(
+    db_url: str, pool: asyncpg.Pool, sim: RunningSimulator
+) -> None:
+    """B13 (b): a batched purge of 20k old rows runs beside deliveries; live rows are untouched."""
+    await pool.execute(
+        "INSERT INTO freshdesk_ticket_queue (ticket_data, status, processed_at)"
+        " SELECT '{}', 'completed', now() - interval '30 days' FROM generate_series(1, 20000)"
+    )
+    settings = make_settings(db_url, sim.url, cleanup_batch=500)
+    async with running_worker(settings, pool) as running:
+        await insert_tickets(pool, 100)
+        deleted = await running.worker.cleanup()
+        await wait_until(lambda: all_completed(pool, 100))
+    assert deleted == 20000
+    assert await pool.fetchval("SELECT count(*) FROM freshdesk_ticket_queue") == 100
+
+
+async def test_worker_metrics_count_deliveries_and_rate_limits(
+    db_url: str, pool: asyncpg.Pool, sim: RunningSimulator
+) -> None:
+    """The worker's /metrics reports deliveries by outcome, Freshdesk latency and 429s."""
+    from fdqueue.embedded import free_port
+    from fdqueue.freshdesk import FreshdeskClient
+    from fdqueue.worker import Worker, WorkerOptions, build_deliverer
+    from fdqueue.worker_metrics import WorkerMetrics, start_metrics_server
+
+    await sim_faults(sim, {"script": [{"fault": "429", "retry_after": 1, "match": "create"}]})
+    await insert_tickets(pool, 3)
+    metrics = WorkerMetrics()
+    port = free_port()
+    exporter = await start_metrics_server(metrics, port)
+    settings = make_settings(db_url, sim.url, concurrency=1)
+    try:
+        async with FreshdeskClient(sim.url, "test-key", max_in_flight=1) as client:
+            worker = Worker(build_deliverer(settings, pool, client, metrics), WorkerOptions())
+            await worker.drain()
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/metrics") as response,
+            ):
+                text = await response.text()
+    finally:
+        await exporter.cleanup()
+    assert 'fdqueue_deliveries_total{outcome="retry"} 1.0' in text
+    assert "fdqueue_freshdesk_rate_limited_total 1.0" in text
+    assert 'fdqueue_freshdesk_request_seconds_count{status="429"} 1.0' in text

@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -122,6 +123,16 @@ class Settings(BaseSettings):
 
     log_format: Literal["auto", "console", "json", "journald"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("default_tags")
+    @classmethod
+    def _short_tags(cls, tags: list[str]) -> list[str]:
+        too_long = [tag for tag in tags if len(tag) > 32]
+        if too_long:
+            raise ValueError(
+                f"tags must be at most 32 characters (Freshdesk's limit): {too_long[0]!r}"
+            )
+        return tags
 
     @model_validator(mode="after")
     def _lease_outlives_request(self) -> Self:

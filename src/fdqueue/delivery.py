@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from fdqueue.models import (
 )
 from fdqueue.pacing import SendGate
 from fdqueue.policy import Complete, Decision, Fail, Retry, RetryPolicy, classify, decide
+from fdqueue.worker_metrics import WorkerMetrics
 
 log = structlog.get_logger("fdqueue.delivery")
 
@@ -42,6 +44,7 @@ class Deliverer:
     default_retry_after: float = 60.0
     marker_field: str | None = None
     default_tags: Sequence[str] = ()
+    metrics: WorkerMetrics | None = None
     outcomes: dict[str, int] = field(default_factory=dict)
 
     async def deliver(self, ticket: ClaimedTicket) -> str:
@@ -64,6 +67,8 @@ class Deliverer:
             )
             label = await self._after_crash(ticket)
         self.outcomes[label] = self.outcomes.get(label, 0) + 1
+        if self.metrics is not None:
+            self.metrics.deliveries.labels(label).inc()
         return label
 
     async def _deliver(self, ticket: ClaimedTicket) -> str:
@@ -84,13 +89,14 @@ class Deliverer:
             return await self._apply(ticket, Fail(reason, ticket.last_http_status), give_back=True)
         if not await self.gate.slot(max_wait=self.lease_seconds / 3):
             return await self._defer(ticket)
+        started = time.monotonic()
         result = await self.client.create_ticket(
             ticket.ticket_data,
             marker_for(ticket.public_id),
             marker_field=self.marker_field,
             default_tags=self.default_tags,
         )
-        self.gate.observe(result)
+        self._observe(result, time.monotonic() - started)
         outcome = classify(result, default_retry_after=self.default_retry_after)
         self._react(outcome, result)
         decision = decide(outcome, ticket.attempts, ticket.max_attempts, self.rules)
@@ -146,8 +152,20 @@ class Deliverer:
         )
         return RETRY if applied else LOST
 
+    def _observe(self, result: SendResult, seconds: float) -> None:
+        self.gate.observe(result)
+        if self.metrics is not None:
+            status = str(result.status) if isinstance(result, FreshdeskReply) else result.kind
+            self.metrics.freshdesk_seconds.labels(status).observe(seconds)
+
     def _react(self, outcome: Outcome, result: SendResult) -> None:
         """Account-wide consequences: pause every send after a 429 or an account error."""
+        if isinstance(outcome, RateLimited | AccountProblem) and self.metrics is not None:
+            self.metrics.pauses.labels(
+                "429" if isinstance(outcome, RateLimited) else "account"
+            ).inc()
+            if isinstance(outcome, RateLimited):
+                self.metrics.rate_limited.inc()
         if isinstance(outcome, RateLimited):
             self.gate.pause(outcome.retry_after, "rate limited (429)")
             assert isinstance(result, FreshdeskReply)

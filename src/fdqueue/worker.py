@@ -22,6 +22,7 @@ from fdqueue.listener import CONNECTION_ERRORS, Listener
 from fdqueue.models import ClaimedTicket, DrainCounts
 from fdqueue.pacing import SendGate
 from fdqueue.policy import RetryPolicy
+from fdqueue.worker_metrics import WorkerMetrics, start_metrics_server
 
 log = structlog.get_logger("fdqueue.worker")
 
@@ -236,7 +237,12 @@ def _log_task_error(task: asyncio.Task[int | None]) -> None:
 # --- The daemon ------------------------------------------------------------------------
 
 
-def build_deliverer(settings: Settings, pool: asyncpg.Pool, client: FreshdeskClient) -> Deliverer:
+def build_deliverer(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    client: FreshdeskClient,
+    metrics: WorkerMetrics | None = None,
+) -> Deliverer:
     """The delivery machinery configured from Settings (shared by worker and API)."""
     return Deliverer(
         pool=pool,
@@ -249,6 +255,7 @@ def build_deliverer(settings: Settings, pool: asyncpg.Pool, client: FreshdeskCli
         default_retry_after=settings.rate_limit_default_wait,
         marker_field=settings.freshdesk_marker_field,
         default_tags=tuple(settings.default_tags),
+        metrics=metrics,
     )
 
 
@@ -309,7 +316,12 @@ async def serve_worker(settings: Settings) -> int:
 async def _run_until_stopped(
     settings: Settings, pool: asyncpg.Pool, client: FreshdeskClient, stop: asyncio.Event
 ) -> None:
-    worker = Worker(build_deliverer(settings, pool, client), WorkerOptions.from_settings(settings))
+    metrics = WorkerMetrics()
+    deliverer = build_deliverer(settings, pool, client, metrics)
+    worker = Worker(deliverer, WorkerOptions.from_settings(settings))
+    exporter = None
+    if settings.worker_metrics_port:
+        exporter = await start_metrics_server(metrics, settings.worker_metrics_port)
     listen_dsn = settings.listener_database_url or settings.database_url
     assert listen_dsn is not None
     listener = Listener(
@@ -347,3 +359,5 @@ async def _run_until_stopped(
         for task in (runner, listening):
             task.cancel()
         await asyncio.gather(runner, listening, return_exceptions=True)
+        if exporter is not None:
+            await exporter.cleanup()
