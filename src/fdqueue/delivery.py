@@ -12,6 +12,7 @@ import structlog
 
 from fdqueue import store
 from fdqueue.freshdesk import FreshdeskClient, Lookup, marker_for
+from fdqueue.listener import CONNECTION_ERRORS
 from fdqueue.models import (
     AccountProblem,
     ClaimedTicket,
@@ -281,7 +282,7 @@ class Deliverer:
                 give_back=False,
                 outcome_unknown=True,
             )
-        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+        except CONNECTION_ERRORS as exc:
             log.warning(
                 "could not record a crashed delivery; the lease will expire",
                 queue_id=ticket.id,

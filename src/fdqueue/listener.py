@@ -16,7 +16,13 @@ from fdqueue.store import NOTIFY_CHANNEL
 log = structlog.get_logger("fdqueue.listener")
 
 # Errors that mean "the connection or the server is gone"; anything else is a bug and raises.
-CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 class Listener:
@@ -44,6 +50,8 @@ class Listener:
         self.connected = asyncio.Event()
         self.reconnects = 0
         self._conn: asyncpg.Connection | None = None
+        # One operation at a time on the connection: the keepalive and the probe share it (B06).
+        self._busy = asyncio.Lock()
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with capped, jittered backoff."""
@@ -83,7 +91,8 @@ class Listener:
             try:
                 await asyncio.wait_for(lost.wait(), timeout=self._keepalive)
             except TimeoutError:
-                await self._conn.fetchval("SELECT 1", timeout=self._connect_timeout)
+                async with self._busy:
+                    await self._conn.fetchval("SELECT 1", timeout=self._connect_timeout)
         raise ConnectionError("the server closed the LISTEN connection")
 
     def _on_notify(self, *_args: Any) -> None:
@@ -108,7 +117,8 @@ class Listener:
             arrived.set()
 
         conn = self._conn
-        await conn.add_listener(channel, on_probe)
+        async with self._busy:
+            await conn.add_listener(channel, on_probe)
         try:
             await pool.execute("SELECT pg_notify($1, '')", channel)
             await asyncio.wait_for(arrived.wait(), timeout=wait)
@@ -117,4 +127,5 @@ class Listener:
             return False
         finally:
             if not conn.is_closed():
-                await conn.remove_listener(channel, on_probe)
+                async with self._busy:
+                    await conn.remove_listener(channel, on_probe)

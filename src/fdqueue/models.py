@@ -83,7 +83,14 @@ def _email(value: Any) -> Any:
     return value
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
 Email = Annotated[str, BeforeValidator(_email)]
+Id = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Scalar = str | int | float | bool | None
 
@@ -94,7 +101,7 @@ class TicketIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=100_000)
 
     email: Email | None = None
-    requester_id: int | None = Field(None, ge=1)
+    requester_id: Id | None = None
     phone: (
         Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=40)] | None
     ) = None
@@ -116,10 +123,10 @@ class TicketIn(BaseModel):
     )
     cc_emails: list[Email] = Field(default_factory=list, max_length=50)
     custom_fields: dict[str, Scalar] = Field(default_factory=dict, max_length=200)
-    group_id: int | None = Field(None, ge=1)
-    responder_id: int | None = Field(None, ge=1)
-    product_id: int | None = Field(None, ge=1)
-    company_id: int | None = Field(None, ge=1)
+    group_id: Id | None = None
+    responder_id: Id | None = None
+    product_id: Id | None = None
+    company_id: Id | None = None
 
     # Stored in their own columns for the operators, never sent to Freshdesk.
     chatbot_id: Annotated[Text, StringConstraints(max_length=255)] | None = None

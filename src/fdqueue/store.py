@@ -102,6 +102,70 @@ async def enqueue(
     return Enqueued(**dict(row))
 
 
+@dataclass(frozen=True, slots=True)
+class NewTicket:
+    """One submission to store (see `enqueue_many`)."""
+
+    ticket_data: dict[str, Any]
+    max_attempts: int
+    chatbot_id: str | None = None
+    user_id: str | None = None
+    idempotency_key: str | None = None
+
+
+# Many submissions in one statement and one commit (group commit): NOTIFY serialises
+# concurrent commits, so one commit for many rows beats one per row. The public ids are
+# made by the caller so each answer finds its own row; rows whose idempotency key is
+# already stored (or repeated within the batch) are skipped here and read back below.
+ENQUEUE_MANY = """
+INSERT INTO freshdesk_ticket_queue
+    (public_id, ticket_data, max_attempts, chatbot_id, user_id, idempotency_key)
+SELECT * FROM unnest($1::uuid[], $2::text[]::jsonb[], $3::int[], $4::text[], $5::text[], $6::text[])
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id, public_id, status, created_at, true AS created
+"""
+FIND_BY_IDEMPOTENCY_KEYS = """
+SELECT id, public_id, status, created_at, false AS created, idempotency_key
+FROM freshdesk_ticket_queue WHERE idempotency_key = ANY($1::text[])
+"""
+
+
+async def enqueue_many(db: DB, tickets: list[NewTicket]) -> list[Enqueued]:
+    """Store many submissions in one statement (one commit, one NOTIFY); answers in order.
+
+    A submission whose idempotency key is already stored gets that row (created=False).
+    """
+    public_ids = [uuid.uuid4() for _ in tickets]
+    rows = await db.fetch(
+        ENQUEUE_MANY,
+        public_ids,
+        [json.dumps(t.ticket_data) for t in tickets],
+        [t.max_attempts for t in tickets],
+        [t.chatbot_id for t in tickets],
+        [t.user_id for t in tickets],
+        [t.idempotency_key for t in tickets],
+    )
+    by_public_id = {row["public_id"]: Enqueued(**dict(row)) for row in rows}
+    missing = [
+        t.idempotency_key
+        for t, p in zip(tickets, public_ids, strict=True)
+        if p not in by_public_id and t.idempotency_key is not None
+    ]
+    by_key = {}
+    if missing:
+        for row in await db.fetch(FIND_BY_IDEMPOTENCY_KEYS, missing):
+            fields = dict(row)
+            key = fields.pop("idempotency_key")
+            by_key[key] = Enqueued(**fields)
+    answers = []
+    for ticket, public_id in zip(tickets, public_ids, strict=True):
+        found = by_public_id.get(public_id) or by_key.get(ticket.idempotency_key or "")
+        if found is None:
+            raise RuntimeError("enqueue_many lost a row")  # pragma: no cover
+        answers.append(found)
+    return answers
+
+
 # --- Claiming ----------------------------------------------------------------------------
 
 # One atomic statement: lock due rows (skipping rows other claimers hold), flip them to
