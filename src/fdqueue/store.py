@@ -218,8 +218,7 @@ FROM freshdesk_ticket_queue WHERE status = 'pending'
 
 async def seconds_until_next_due(db: DB) -> float | None:
     """Seconds until the earliest pending row is due (≤ 0: due now); None when none is pending."""
-    value = await db.fetchval(NEXT_DUE_IN)
-    return None if value is None else float(value)
+    return await _seconds(db, NEXT_DUE_IN)
 
 
 NEXT_LEASE_EXPIRY_IN = """
@@ -230,7 +229,11 @@ FROM freshdesk_ticket_queue WHERE status = 'processing'
 
 async def seconds_until_lease_expiry(db: DB) -> float | None:
     """Seconds until the earliest lease runs out; None when nothing is processing."""
-    value = await db.fetchval(NEXT_LEASE_EXPIRY_IN)
+    return await _seconds(db, NEXT_LEASE_EXPIRY_IN)
+
+
+async def _seconds(db: DB, query: str) -> float | None:
+    value = await db.fetchval(query)
     return None if value is None else float(value)
 
 
@@ -320,6 +323,20 @@ async def record_retry(
         outcome_unknown,
     )
     return _changed(result)
+
+
+# Rows held back by an account problem (bad key, role or domain) are due again as soon as a
+# worker starts: a restart is how a fixed FRESHDESK_API_KEY takes effect.
+RESUME_ACCOUNT_PAUSES = """
+UPDATE freshdesk_ticket_queue
+SET next_attempt_at = now(), updated_at = now()
+WHERE status = 'pending' AND last_http_status IN (401, 403, 404) AND next_attempt_at > now()
+"""
+
+
+async def resume_account_pauses(db: DB) -> int:
+    """Make rows paused by 401/403/404 due now; returns how many."""
+    return int((await db.execute(RESUME_ACCOUNT_PAUSES)).split()[-1])
 
 
 def _changed(command_tag: str) -> bool:

@@ -138,6 +138,7 @@ class Worker:
     async def run(self) -> None:
         """Loop until `stopping` is set: drain, then sleep until a wake, the timer or stop."""
         self.wake()  # start-up: rows that arrived while no worker ran (case B03)
+        await self._resume_account_pauses()
         while not self.stopping.is_set():
             self.wake_event.clear()
             try:
@@ -153,6 +154,16 @@ class Worker:
             self._maybe_cleanup()
             sdnotify.status(self._status_text())
             await _wait_any(self.wake_event, self.stopping, timeout)
+
+    async def _resume_account_pauses(self) -> None:
+        """A restart is how a fixed key takes effect: rows paused by 401/403/404 go now."""
+        try:
+            resumed = await store.resume_account_pauses(self.pool)
+        except CONNECTION_ERRORS as exc:
+            log.warning("could not resume paused rows", error=f"{type(exc).__name__}: {exc}")
+            return
+        if resumed:
+            log.info("rows paused by a Freshdesk account error are due again", rows=resumed)
 
     async def _sleep_for(self) -> float:
         """Until the timer, the next scheduled retry, the next lease expiry or a pause's end."""
