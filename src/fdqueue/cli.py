@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "fake-freshdesk":
-        configure_logging("auto", "info")
+        try:
+            fmt = load_settings().log_format
+        except ConfigError:
+            fmt = "auto"
+        configure_logging(fmt, "info")
         code: int = args.func(args)
         return code
     try:
