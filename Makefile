@@ -22,16 +22,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with fdqueue and its development tools
 
-test: $(STAMP) ## run the test suite (uses $$DATABASE_URL when set, else an embedded PostgreSQL)
+test: $(STAMP) ## run the test suite (on DATABASE_URL's server when set, else an embedded PostgreSQL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests tools
+	$(BIN)/ruff format --check src tests tools
 
 fmt: $(STAMP) ## format and auto-fix
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests tools
+	$(BIN)/ruff check --fix src tests tools
 
 typecheck: $(STAMP) ## mypy --strict over src and tests
 	$(BIN)/mypy
@@ -40,6 +40,10 @@ check: lint typecheck test ## everything CI runs before the unit checks
 
 run: $(STAMP) ## start the whole system locally (embedded PostgreSQL + Freshdesk simulator unless configured)
 	$(BIN)/fdqueue dev $(RUN_ARGS)
+
+chaos: $(STAMP) ## fault scenarios against real processes, under 15 minutes (CHAOS_ARGS=--quick)
+	$(BIN)/python -m pip install --quiet -e '.[chaos]'
+	$(BIN)/python -m tools.chaos $(CHAOS_ARGS)
 
 check-units: ## verify the systemd units (systemd-analyze verify + security)
 	bash systemd/check-units.sh

@@ -15,8 +15,28 @@ import asyncpg
 import pytest
 
 from fdqueue import store
+from fdqueue.logs import configure_logging
 from fdqueue.migrate import migrate
 from tests.pg import EmbeddedPostgres, replace_database
+
+# What must never reach a log line: the Freshdesk key and ticket bodies used by the tests.
+SECRETS = ("test-key", "It is on fire.", "Printer on fire")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log_line() -> Iterator[None]:
+    """Every log line of the whole in-process test run goes to one file, then is searched for
+    the test API key and ticket bodies (rule: secrets and bodies never reach a log line)."""
+    fd, name = tempfile.mkstemp(prefix="fdqueue-test-log-", suffix=".jsonl")
+    path = Path(name)
+    with os.fdopen(fd, "w", encoding="utf-8") as sink:
+        configure_logging("json", "debug", stream=sink)
+        yield
+    text = path.read_text(encoding="utf-8")
+    path.unlink()
+    leaked = [secret for secret in SECRETS if secret in text]
+    assert text, "the test run logged nothing: the log capture is broken"
+    assert not leaked, f"secrets or ticket bodies in the test run's logs: {leaked}"
 
 
 def _configured_url() -> str | None:

@@ -20,10 +20,11 @@ def _restore_logging() -> Iterator[None]:
     """Leave structlog and the root logger exactly as the test found them."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    config = structlog.get_config()
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-    structlog.reset_defaults()
+    structlog.configure(**config)
 
 
 class _FlushCounter(io.StringIO):

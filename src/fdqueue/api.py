@@ -513,6 +513,10 @@ async def read_ticket(request: web.Request) -> TicketIn:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
+    except ConnectionError:  # the client hung up mid-body: its fault, and nothing was stored
+        raise ApiError(
+            400, "incomplete_body", "The connection closed before the body was complete."
+        ) from None
     try:
         return validate_ticket(parse_json(raw))
     except BodyError as exc:

@@ -202,8 +202,14 @@ def _retry_failed(args: argparse.Namespace, settings: Settings) -> int:
     count = _with_db(settings, lambda conn: store.retry_failed(conn, args.id))
     if args.json:
         return _print_json({"retried": count})
+    if args.id is not None and not count:
+        print(
+            f"fdqueue: ticket {args.id} is not failed (or does not exist); nothing to retry",
+            file=sys.stderr,
+        )
+        return 1
     print(f"{count} failed ticket(s) sent back to pending")
-    return 0 if count or args.id is None else 1
+    return 0
 
 
 def _purge(args: argparse.Namespace, settings: Settings) -> int:
@@ -217,8 +223,7 @@ def _purge(args: argparse.Namespace, settings: Settings) -> int:
 
 def _check_config(args: argparse.Namespace, settings: Settings) -> int:
     """Valid settings, and the ones the daemons need are there (database and Freshdesk)."""
-    settings.require_database()
-    settings.require_freshdesk()
+    settings.check_required()
     print("configuration is valid")
     return 0
 

@@ -162,26 +162,43 @@ class Settings(BaseSettings):
             host = f"{host}.freshdesk.com"
         return f"https://{host}"
 
+    def check_required(self, *, database: bool = True, freshdesk: bool = True) -> None:
+        """ConfigError naming, in one line, every required setting that is missing (B25)."""
+        missing = []
+        if database and self.database_url is None:
+            missing.append(("DATABASE_URL", "a postgresql:// URL"))
+        if freshdesk and self.freshdesk_url is None:
+            missing.append(
+                (
+                    "FRESHDESK_DOMAIN",
+                    "your subdomain, e.g. 'acme' for acme.freshdesk.com; "
+                    "or set FDQUEUE_FRESHDESK_BASE_URL",
+                )
+            )
+        if freshdesk and self.freshdesk_api_key is None:
+            missing.append(("FRESHDESK_API_KEY", "an agent's API key"))
+        if missing:
+            names = ", ".join(name for name, _ in missing)
+            plural = "s" if len(missing) > 1 else ""
+            hints = "; ".join(hint for _, hint in missing)
+            raise ConfigError(f"{names}: required setting{plural} missing ({hints})")
+
     def require_database(self) -> str:
         """The database DSN, or ConfigError naming DATABASE_URL."""
-        if self.database_url is None:
-            raise ConfigError("DATABASE_URL: required setting missing (a postgresql:// URL)")
+        self.check_required(freshdesk=False)
+        assert self.database_url is not None
         return self.database_url.get_secret_value()
 
     def require_freshdesk(self) -> tuple[str, str]:
-        """(base URL, API key), or ConfigError naming the missing variable (case B25)."""
-        if self.freshdesk_url is None:
-            raise ConfigError(
-                "FRESHDESK_DOMAIN: required setting missing (your subdomain, e.g. 'acme' "
-                "for acme.freshdesk.com; or set FDQUEUE_FRESHDESK_BASE_URL)"
-            )
-        if self.freshdesk_api_key is None:
-            raise ConfigError("FRESHDESK_API_KEY: required setting missing (an agent's API key)")
+        """(base URL, API key), or ConfigError naming what is missing (case B25)."""
+        self.check_required(database=False)
+        assert self.freshdesk_url is not None
+        assert self.freshdesk_api_key is not None
         return self.freshdesk_url, self.freshdesk_api_key.get_secret_value()
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as JSON-ready data with every secret masked."""
-        return self.model_dump(mode="json")
+        return {**self.model_dump(mode="json"), "lease": self.lease_seconds}
 
     @classmethod
     def settings_customise_sources(

@@ -24,10 +24,21 @@ from fdqueue.models import (
     SendResult,
 )
 from fdqueue.pacing import SendGate
-from fdqueue.policy import Complete, Decision, Fail, Retry, RetryPolicy, classify, decide
+from fdqueue.policy import (
+    Complete,
+    Decision,
+    Fail,
+    Retry,
+    RetryPolicy,
+    backoff_seconds,
+    classify,
+    decide,
+)
 from fdqueue.worker_metrics import WorkerMetrics
 
 log = structlog.get_logger("fdqueue.delivery")
+
+LOOKUP_BACKOFF_MAX_EXPONENT = 6
 
 # Labels of what happened to a row, counted by drains and metrics.
 COMPLETED, FAILED, RETRY, DEFERRED, LOST = "completed", "failed", "retry", "deferred", "lost"
@@ -59,6 +70,16 @@ class Deliverer:
             label = await self._deliver(ticket)
         except asyncio.CancelledError:
             raise
+        except CONNECTION_ERRORS as exc:
+            # The database went away mid-delivery: the lease expires and the row is claimed
+            # again (looked up first), so this is a warning, not a crash.
+            log.warning(
+                "database unavailable during a delivery; its lease will expire",
+                queue_id=ticket.id,
+                attempt=ticket.attempts,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            label = LOST
         except Exception:  # recorded and logged: the worker loop must go on
             log.exception(
                 "Freshdesk delivery crashed",
@@ -123,8 +144,13 @@ class Deliverer:
         return await self._apply(ticket, Complete(found.ticket_id, None), give_back=True)
 
     async def _look_up_failed(self, ticket: ClaimedTicket, lookup: Lookup) -> str:
-        """No answer on whether the ticket exists: sending could duplicate it, so wait."""
-        delay = self.rules.backoff_unit
+        """No answer on whether the ticket exists: sending could duplicate it, so wait.
+
+        Consecutive failures wait 2^n units (at most 2^6: an hour with the default unit), so
+        an outage costs a few look-ups per row, not one per unit.
+        """
+        exponent = min(ticket.lookup_failures, LOOKUP_BACKOFF_MAX_EXPONENT)
+        delay = backoff_seconds(exponent, self.rules.backoff_unit, self.rules.backoff_jitter)
         status = None
         reason = "too many tickets to search"
         if lookup.failure is not None:
@@ -150,6 +176,7 @@ class Deliverer:
             http_status=status,
             give_back=True,
             outcome_unknown=True,
+            lookup_failed=True,
         )
         return RETRY if applied else LOST
 

@@ -203,7 +203,10 @@ def banner(plan: DevPlan, *, simulator_url: str | None, database_url: str | None
         f"    curl -sS {api}/api/freshdesk-queue/stats",
     ]
     if database_url is not None:
-        lines += ["  Admin CLI on this database:", f"    DATABASE_URL={database_url} fdqueue stats"]
+        lines += [
+            "  Admin CLI on this database:",
+            f"    DATABASE_URL={database_url} {Path(sys.executable).parent / 'fdqueue'} stats",
+        ]
     lines += ["", "  Ctrl-C to stop.", rule, ""]
     return "\n".join(lines) + "\n"
 

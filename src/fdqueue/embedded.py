@@ -122,10 +122,13 @@ class EmbeddedPostgres:
         _ensure_user(self._user)
         entry = pwd.getpwnam(self._user)
         os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
-        # The server user must be able to walk down to its data directory.
-        for parent in self.data_dir.parents:
-            mode = parent.stat().st_mode
-            parent.chmod(mode | stat.S_IXOTH)
+        # The server user must be able to walk down to its data directory and to the
+        # programs (a clone under a private 0700 folder would hide both): traverse only,
+        # no listing, on every folder above them.
+        for folder in {*self.data_dir.parents, *self._bin.parents}:
+            mode = folder.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                folder.chmod(mode | stat.S_IXOTH)
 
     def _run(self, program: str, *args: str) -> None:
         done = subprocess.run(

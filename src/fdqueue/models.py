@@ -188,6 +188,7 @@ class ClaimedTicket:
     reclaimed: bool = False
     last_error: str | None = None
     last_http_status: int | None = None
+    lookup_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,7 +199,8 @@ SET status = 'processing',
 FROM picked
 WHERE q.id = picked.id
 RETURNING q.id, q.public_id, q.ticket_data, q.attempts, q.max_attempts, q.outcome_unknown,
-          q.created_at, picked.reclaimed, q.error_message AS last_error, q.last_http_status
+          q.created_at, picked.reclaimed, q.error_message AS last_error, q.last_http_status,
+          q.lookup_failures
 """
 
 
@@ -292,6 +293,7 @@ SET status = 'pending', error_message = $3, last_http_status = $4,
     attempts = greatest(attempts - $5::int, 0),
     next_attempt_at = now() + make_interval(secs => $6),
     outcome_unknown = $7,
+    lookup_failures = CASE WHEN $8 THEN lookup_failures + 1 ELSE 0 END,
     updated_at = now(), locked_until = NULL, locked_by = NULL
 WHERE id = $1 AND status = 'processing' AND locked_by = $2
 """
@@ -306,11 +308,13 @@ async def record_retry(
     http_status: int | None,
     give_back: bool,
     outcome_unknown: bool,
+    lookup_failed: bool = False,
 ) -> bool:
     """Put the row back to pending, due in `delay` seconds; False when the claim was lost.
 
     `give_back` returns the attempt counted at claim (rate limits, account problems,
-    shutdown). A zero delay makes the row due now, which also wakes the workers.
+    shutdown). `lookup_failed` counts one more failed marker look-up (else the count
+    resets). A zero delay makes the row due now, which also wakes the workers.
     """
     result = await db.execute(
         RECORD_RETRY,
@@ -321,6 +325,7 @@ async def record_retry(
         int(give_back),
         max(delay, 0.0),
         outcome_unknown,
+        lookup_failed,
     )
     return _changed(result)
 

@@ -296,6 +296,7 @@ async def connect_with_retry(settings: Settings, stop: asyncio.Event) -> asyncpg
 
 async def serve_worker(settings: Settings) -> int:
     """Run the worker daemon until SIGTERM/SIGINT; return the exit status (0: clean stop)."""
+    settings.check_required()
     base_url, api_key = settings.require_freshdesk()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -338,8 +339,8 @@ async def _run_until_stopped(
     listener = Listener(
         listen_dsn.get_secret_value(), worker.wake, connect_timeout=settings.db_connect_timeout
     )
-    listening = asyncio.create_task(listener.run())
-    runner = asyncio.create_task(worker.run())
+    listening = asyncio.create_task(listener.run(), name="the LISTEN connection")
+    runner = asyncio.create_task(worker.run(), name="the worker loop")
     try:
         await _wait_any(listener.connected, stop, settings.db_connect_timeout * 3)
         if listener.connected.is_set() and not await listener.probe(pool):
@@ -357,11 +358,14 @@ async def _run_until_stopped(
             poll_interval=settings.poll_interval,
         )
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait([stopped, runner], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([stopped, runner, listening], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
-        if runner.done():
-            runner.result()  # the loop died of a bug: raise it, exit non-zero, systemd restarts
-            raise RuntimeError("the worker loop ended on its own")
+        for task in (runner, listening):
+            if task.done():
+                # A bug ended the loop or the listener (which never ends by itself): raise
+                # it, exit non-zero, and let systemd restart a whole worker.
+                task.result()
+                raise RuntimeError(f"{task.get_name()} ended on its own")
         sdnotify.stopping("stopping: finishing in-flight deliveries")
         log.info("stopping: finishing in-flight deliveries")
         worker.stopping.set()
