@@ -17,6 +17,7 @@ import pytest
 from fdqueue import store
 from fdqueue.logs import configure_logging
 from fdqueue.migrate import migrate
+from fdqueue.simulator import RunningSimulator, SimulatorConfig, start_simulator
 from tests.pg import EmbeddedPostgres, replace_database
 
 # What must never reach a log line: the Freshdesk key and ticket bodies used by the tests.
@@ -126,3 +127,14 @@ def embedded_pg() -> Iterator[EmbeddedPostgres]:
     """A PostgreSQL of this test's own, which the test may stop, restart or cut off."""
     with _embedded_server() as server:
         yield server
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[RunningSimulator]:
+    """The Freshdesk simulator over real HTTP, with limits high enough never to pace."""
+    config = SimulatorConfig(account_limit=10**6, create_limit=10**6, list_limit=10**6)
+    running = await start_simulator(config=config)
+    try:
+        yield running
+    finally:
+        await running.close()

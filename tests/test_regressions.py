@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import asyncpg
@@ -14,7 +13,7 @@ from aiohttp import web
 from fdqueue import store
 from fdqueue.api import create_app
 from fdqueue.freshdesk import FreshdeskClient
-from fdqueue.simulator import RunningSimulator, SimulatorConfig, start_simulator
+from fdqueue.simulator import RunningSimulator
 from fdqueue.worker import build_deliverer
 from tests.harness import (
     API_KEY,
@@ -26,23 +25,12 @@ from tests.harness import (
     wait_until,
 )
 
-UNLIMITED = SimulatorConfig(account_limit=10**6, create_limit=10**6, list_limit=10**6)
-
 # What asyncpg raises on a connection that a PostgreSQL restart or pg_terminate_backend
 # broke: seen in the chaos "outage" scenario, where it killed the worker process.
 BROKEN_CONNECTION_ERRORS = [
     asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
     asyncpg.InterfaceError("connection is closed"),
 ]
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[RunningSimulator]:
-    running = await start_simulator(config=UNLIMITED)
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 class FlakyPool:

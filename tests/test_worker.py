@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
@@ -14,7 +13,7 @@ import structlog
 
 from fdqueue import store
 from fdqueue.migrate import migrate
-from fdqueue.simulator import RunningSimulator, SimulatorConfig, start_simulator
+from fdqueue.simulator import RunningSimulator
 from tests.harness import (
     TICKET,
     RunningWorker,
@@ -29,17 +28,6 @@ from tests.harness import (
     wait_until,
 )
 from tests.pg import EmbeddedPostgres
-
-UNLIMITED = SimulatorConfig(account_limit=10**6, create_limit=10**6, list_limit=10**6)
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[RunningSimulator]:
-    running = await start_simulator(config=UNLIMITED)
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 async def test_b03a_backlog_is_delivered_at_start_up(

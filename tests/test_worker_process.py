@@ -7,28 +7,17 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from fdqueue.embedded import free_port
-from fdqueue.simulator import RunningSimulator, SimulatorConfig, start_simulator
+from fdqueue.simulator import RunningSimulator
 from tests.harness import API_KEY, all_completed, creates, insert_tickets, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[RunningSimulator]:
-    running = await start_simulator(
-        config=SimulatorConfig(account_limit=10**6, create_limit=10**6, list_limit=10**6)
-    )
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 class NotifySocket:
