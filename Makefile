@@ -41,6 +41,14 @@ check: lint typecheck test ## everything CI runs before the unit checks
 run: $(STAMP) ## start the whole system locally (embedded PostgreSQL + Freshdesk simulator unless configured)
 	$(BIN)/fdqueue dev $(RUN_ARGS)
 
+bench: $(STAMP) ## benchmarks against baselines of the same run (~8 min; writes docs/benchmarks.md)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m tools.bench $(BENCH_ARGS)
+
+bench-quick: $(STAMP) ## the benchmarks in short rounds (under 2 min; writes .fdqueue/bench/)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m tools.bench --quick $(BENCH_ARGS)
+
 chaos: $(STAMP) ## fault scenarios against real processes, under 15 minutes (CHAOS_ARGS=--quick)
 	$(BIN)/python -m pip install --quiet -e '.[chaos]'
 	$(BIN)/python -m tools.chaos $(CHAOS_ARGS)

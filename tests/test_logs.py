@@ -97,6 +97,20 @@ def test_b23_stdlib_loggers_go_through_the_same_chain() -> None:
     assert "ConnectionResetError: reset by peer" in error
 
 
+def test_access_log_only_at_debug_level() -> None:
+    """aiohttp's access lines cost CPU on every request: shown at debug, silent at info."""
+    access = logging.getLogger("aiohttp.access")
+    try:
+        stream = _capture("json", "info")
+        access.info('127.0.0.1 "GET /healthz HTTP/1.1" %s', 200)
+        assert _lines(stream) == []
+        stream = _capture("json", "debug")
+        access.info('127.0.0.1 "GET /healthz HTTP/1.1" %s', 200)
+        assert len(_lines(stream)) == 1
+    finally:
+        access.setLevel(logging.NOTSET)
+
+
 def test_b23_every_event_is_flushed_at_once() -> None:
     """Each record is flushed as it is written, so journald shows it without delay."""
     stream = _capture("journald")

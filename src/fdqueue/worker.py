@@ -82,13 +82,14 @@ class Worker:
         counts = DrainCounts()
         while not self.stopping.is_set():
             free = self.options.concurrency - len(self._inflight)
-            claimed = await self._claim(min(self.options.batch_size, free)) if free > 0 else []
+            wanted = min(self.options.batch_size, free)
+            claimed = await self._claim(wanted) if wanted > 0 else []
             for ticket in claimed:
                 task = asyncio.create_task(self.deliverer.deliver(ticket))
                 self._inflight[task] = ticket
             if not self._inflight:
                 break
-            if free == 0 or len(claimed) < free:
+            if wanted == 0 or len(claimed) < wanted:
                 # Every slot busy, or nothing more is due: wait for a delivery to finish.
                 await self._collect(counts)
         await self._finish(counts)
