@@ -826,8 +826,8 @@ NOTES: Final = [
     "3. 4. One statement makes the rows due at once (`store.enqueue_many`); the rate is the "
     "creates the simulator answered 201, first to last. Scenario 4 starts a fresh worker per "
     "round and stops it before reading pg_stat_database (a backend flushes its statistics as "
-    "it ends): each pooled statement counts twice there, because asyncpg's pool sends its "
-    "reset query (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`) on release.",
+    "it ends): one claim per batch and one record per ticket (fdqueue's pool skips asyncpg's "
+    "reset query on release, which used to double the count).",
     "5. The simulator allows 40 creates per 5 s window; the worker runs with "
     "FDQUEUE_FRESHDESK_RATE_WINDOW=5 and learns the limit from X-Ratelimit-Total.",
     "6. Completed rows inserted in one statement and vacuumed; each round's own rows are "
