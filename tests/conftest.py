@@ -18,7 +18,7 @@ from fdqueue import store
 from fdqueue.logs import configure_logging, get_logger
 from fdqueue.migrate import migrate
 from fdqueue.simulator import RunningSimulator, SimulatorConfig, start_simulator
-from tests.pg import EmbeddedPostgres, replace_database
+from tests.pg import PREFIX, EmbeddedPostgres, claim_folder, reap_orphans, replace_database
 
 # What must never reach a log line: the Freshdesk key and ticket bodies used by the tests.
 SECRETS = ("test-key", "It is on fire.", "Printer on fire")
@@ -53,7 +53,9 @@ def _configured_url() -> str | None:
 def _embedded_server() -> Iterator[EmbeddedPostgres]:
     # Not under pytest's tmp_path: pytest prunes old base directories, and a concurrent
     # pytest run would delete a live server's data directory.
-    directory = Path(tempfile.mkdtemp(prefix="fdqueue-test-pg-"))
+    reap_orphans()  # servers of earlier runs that were killed before their clean-up
+    directory = Path(tempfile.mkdtemp(prefix=PREFIX))
+    claim_folder(directory)
     server = EmbeddedPostgres(directory / "data", durable=False)
     try:
         server.start()

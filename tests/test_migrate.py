@@ -88,3 +88,26 @@ async def test_insert_notifies_once_per_statement(db_url: str, pool: asyncpg.Poo
         assert got.empty()
     finally:
         await listener.close()
+
+
+def test_servers_of_killed_test_runs_are_reaped() -> None:
+    """An embedded server whose pytest was SIGKILLed is stopped and removed by the next run."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from tests.pg import PREFIX, EmbeddedPostgres, reap_orphans
+
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX))
+    server = EmbeddedPostgres(folder / "data", durable=False)
+    server.start()
+    try:
+        gone = subprocess.Popen(["sleep", "0"])
+        gone.wait()
+        (folder / "owner.pid").write_text(str(gone.pid))
+        assert reap_orphans() >= 1
+        assert not server.running()
+        assert not folder.exists()
+    finally:
+        if server.running():
+            server.stop()
