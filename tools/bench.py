@@ -200,17 +200,11 @@ class BenchSystem(System):
             return "embedded PostgreSQL (pgserver binaries), durable: fsync and synchronous commit"
         return f"the configured server, in a fresh database {urlsplit(self.db_url).path[1:]}"
 
-    async def start(self, *, workers: int = 1, apis: int = 1) -> None:
+    async def start_database(self) -> None:
         if self.server_url is None:
-            await super().start(workers=workers, apis=apis)
-            return
-        self.fresh_url = await create_database(self.server_url)
-        await self.migrate()
-        await self.simulator.start()
-        for _ in range(apis):
-            await self.add_api()
-        for _ in range(workers):
-            await self.add_worker()
+            await super().start_database()
+        else:
+            self.fresh_url = await create_database(self.server_url)
 
     async def close(self) -> None:
         await super().close()

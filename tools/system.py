@@ -321,13 +321,17 @@ class System:
 
     async def start(self, *, workers: int = 1, apis: int = 1) -> None:
         """Start PostgreSQL, migrate, start the simulator, `apis` apis and `workers` workers."""
-        await asyncio.to_thread(self.database.start)
+        await self.start_database()
         await self.migrate()
         await self.simulator.start()
         for _ in range(apis):
             await self.add_api()
         for _ in range(workers):
             await self.add_worker()
+
+    async def start_database(self) -> None:
+        """Start the embedded PostgreSQL (a subclass may use another server instead)."""
+        await asyncio.to_thread(self.database.start)
 
     async def close(self) -> None:
         """Terminate every child (SIGKILL when one hangs), then stop PostgreSQL."""
