@@ -551,3 +551,27 @@ async def test_worker_metrics_count_deliveries_and_rate_limits(
     assert 'fdqueue_deliveries_total{outcome="retry"} 1.0' in text
     assert "fdqueue_freshdesk_rate_limited_total 1.0" in text
     assert 'fdqueue_freshdesk_request_seconds_count{status="429"} 1.0' in text
+
+
+async def test_b07_send_never_outlives_the_lease(
+    db_url: str, pool: asyncpg.Pool, sim: RunningSimulator
+) -> None:
+    """A look-up that would eat the lease ends as failed and nothing is sent: a second
+    worker reclaiming the row could otherwise send it twice."""
+    from fdqueue.freshdesk import FreshdeskClient
+    from fdqueue.worker import Worker, WorkerOptions, build_deliverer
+
+    sim.state.config.latency = 2.0  # every call, the look-up included, takes 2 s
+    settings = make_settings(db_url, sim.url, http_timeout=2.5, http_connect_timeout=0.5, lease=3.5)
+    await insert_tickets(pool, 1)
+    await pool.execute("UPDATE freshdesk_ticket_queue SET outcome_unknown = true")
+    async with FreshdeskClient(sim.url, "test-key", timeout=2.5, connect_timeout=0.5) as client:
+        worker = Worker(build_deliverer(settings, pool, client), WorkerOptions())
+        counts = await worker.drain()
+    assert counts.retried == 1
+    assert creates(sim) == []
+    row = await pool.fetchrow(
+        "SELECT status, attempts, outcome_unknown FROM freshdesk_ticket_queue"
+    )
+    assert row is not None
+    assert (row["status"], row["attempts"], row["outcome_unknown"]) == ("pending", 0, True)

@@ -39,6 +39,7 @@ from fdqueue.worker_metrics import WorkerMetrics
 log = structlog.get_logger("fdqueue.delivery")
 
 LOOKUP_BACKOFF_MAX_EXPONENT = 6
+LEASE_MARGIN = 5.0  # at most this much of a lease is kept free for recording the outcome
 
 # Labels of what happened to a row, counted by drains and metrics.
 COMPLETED, FAILED, RETRY, DEFERRED, LOST = "completed", "failed", "retry", "deferred", "lost"
@@ -56,6 +57,8 @@ class Deliverer:
     default_retry_after: float = 60.0
     marker_field: str | None = None
     default_tags: Sequence[str] = ()
+    # The longest one create call can take (connect + request timeouts).
+    send_seconds: float = 40.0
     metrics: WorkerMetrics | None = None
     outcomes: dict[str, int] = field(default_factory=dict)
 
@@ -94,12 +97,16 @@ class Deliverer:
         return label
 
     async def _deliver(self, ticket: ClaimedTicket) -> str:
+        # Everything up to the end of the send must fit in the lease: once it runs out,
+        # another worker may claim the row, and two sends would make two tickets.
+        margin = min(LEASE_MARGIN, self.lease_seconds / 10)
+        lease_ends = time.monotonic() + self.lease_seconds - margin
         if ticket.reclaimed:
             log.warning(
                 "reclaimed a row whose lease expired", queue_id=ticket.id, attempt=ticket.attempts
             )
         if ticket.outcome_unknown:
-            found = await self._look_up(ticket)
+            found = await self._look_up(ticket, lease_ends - self.send_seconds)
             if found is not None:
                 return found
         if ticket.attempts > ticket.max_attempts:
@@ -109,7 +116,8 @@ class Deliverer:
                 f"{ticket.last_error or 'unknown error'}"
             )
             return await self._apply(ticket, Fail(reason, ticket.last_http_status), give_back=True)
-        if not await self.gate.slot(max_wait=self.lease_seconds / 3):
+        room = lease_ends - self.send_seconds - time.monotonic()
+        if room < 0 or not await self.gate.slot(max_wait=room):
             return await self._defer(ticket)
         started = time.monotonic()
         result = await self.client.create_ticket(
@@ -124,14 +132,22 @@ class Deliverer:
         decision = decide(outcome, ticket.attempts, ticket.max_attempts, self.rules)
         return await self._apply(ticket, decision, outcome=outcome, result=result)
 
-    async def _look_up(self, ticket: ClaimedTicket) -> str | None:
-        """After an unknown outcome: record the ticket Freshdesk already has, if any."""
-        found = await self.client.find_ticket_by_marker(
-            ticket.ticket_data,
-            marker_for(ticket.public_id),
-            created_after=ticket.created_at,
-            marker_field=self.marker_field,
-        )
+    async def _look_up(self, ticket: ClaimedTicket, finish_by: float) -> str | None:
+        """After an unknown outcome: record the ticket Freshdesk already has, if any.
+
+        A look-up that would run past `finish_by` (monotonic) counts as failed: the row
+        waits rather than risk a send after its lease.
+        """
+        try:
+            async with asyncio.timeout_at(_loop_time(finish_by)):
+                found = await self.client.find_ticket_by_marker(
+                    ticket.ticket_data,
+                    marker_for(ticket.public_id),
+                    created_after=ticket.created_at,
+                    marker_field=self.marker_field,
+                )
+        except TimeoutError:
+            found = Lookup(truncated=True)
         if found.failed:
             return await self._look_up_failed(ticket, found)
         if found.ticket_id is None:
@@ -342,3 +358,9 @@ async def process_batch(
     for task in tasks:
         counts.add(task.result())
     return counts
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """A `time.monotonic()` deadline on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())

@@ -264,6 +264,7 @@ def build_deliverer(
             max_per_minute=settings.freshdesk_max_per_minute, window=settings.freshdesk_rate_window
         ),
         lease_seconds=settings.lease_seconds,
+        send_seconds=settings.http_timeout + settings.http_connect_timeout,
         default_retry_after=settings.rate_limit_default_wait,
         marker_field=settings.freshdesk_marker_field,
         default_tags=tuple(settings.default_tags),
