@@ -1062,3 +1062,25 @@ async def test_no_key_or_body_reaches_the_logs(client: Client) -> None:
     text = repr(events)
     assert "test-key" not in text
     assert "secret body text" not in text
+
+
+async def test_create_then_fail_leaves_a_refused_create_alone() -> None:
+    """`create_then_fail` only garbles answers of creates that made a ticket: an invalid
+    create still gets Freshdesk's 400 with its errors (a chaos run once saw a bare 400)."""
+    from fdqueue.simulator import start_simulator
+
+    async with await start_simulator() as running, aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{running.url}/_simulator/faults",
+            json={"script": [{"fault": "create_then_fail", "then": "201_empty"}]},
+        ) as scripted:
+            assert scripted.status == 200
+        async with http.post(
+            f"{running.url}/api/v2/tickets",
+            json={"email": "a@example.com", "subject": "s", "status": 2, "priority": 1},
+            headers=AUTH,
+        ) as refused:
+            body = await refused.json()
+        assert refused.status == 400
+        assert body["errors"][0]["field"] == "description"
+        assert running.state.tickets == []

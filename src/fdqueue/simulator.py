@@ -1880,7 +1880,9 @@ async def _answer(sim: Simulator, request: web.Request, record: RequestRecord) -
     response = await _freshdesk(sim, request, route, record)
     if route.is_create and record.ticket_id is not None:
         record.submission_id = _submission_id(sim.tickets[record.ticket_id - 1])
-    if fault is not None and fault.kind == "create_then_fail":
+    if fault is not None and fault.kind == "create_then_fail" and record.ticket_id is not None:
+        # Only a create that made its ticket can lose its answer; a refused one (400, 401...)
+        # is answered as Freshdesk answers it.
         return await _fail_after_create(sim, request, record, fault, response)
     return response
 
