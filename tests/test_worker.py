@@ -497,12 +497,14 @@ async def test_own_rate_cap_spaces_creates(
     db_url: str, pool: asyncpg.Pool, sim: RunningSimulator
 ) -> None:
     """FDQUEUE_FRESHDESK_MAX_PER_MINUTE caps creates even when Freshdesk would allow more."""
-    settings = make_settings(db_url, sim.url, freshdesk_max_per_minute=600)  # one per 0.1 s
-    await insert_tickets(pool, 6)
+    settings = make_settings(db_url, sim.url, freshdesk_max_per_minute=60)  # one a second
+    await insert_tickets(pool, 3)
     async with running_worker(settings, pool):
-        await wait_until(lambda: all_completed(pool, 6))
+        await wait_until(lambda: all_completed(pool, 3))
     times = sorted(r.time for r in creates(sim))
-    assert all(b - a >= 0.09 for a, b in itertools.pairwise(times))
+    # Slots are a second apart; scheduling noise is milliseconds, so a lower bound well
+    # under 2 s only fails when the cap is not applied (unpaced, all three go at once).
+    assert times[-1] - times[0] >= 1.5
 
 
 async def test_b13_cleanup_during_delivery_leaves_live_rows(
