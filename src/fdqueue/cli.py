@@ -169,9 +169,7 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
     stats = _with_db(settings, store.stats).as_dict()
     if args.json:
         return _print_json(stats)
-    for key, value in stats.items():
-        print(f"{key:>24}: {'-' if value is None else value}")
-    return 0
+    return _print_fields(stats)
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
@@ -193,9 +191,7 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     if args.json:
         return _print_json(row)
-    for name, value in row.items():
-        print(f"{name:>20}: {'-' if value is None else value}")
-    return 0
+    return _print_fields(row)
 
 
 def _retry_failed(args: argparse.Namespace, settings: Settings) -> int:
@@ -232,8 +228,14 @@ def _show_config(args: argparse.Namespace, settings: Settings) -> int:
     data = settings.masked()
     if args.json:
         return _print_json(data)
+    return _print_fields(data)
+
+
+def _print_fields(data: dict[str, Any]) -> int:
+    """One `name: value` line per field, names right-aligned, `-` for nothing."""
+    width = max(map(len, data), default=0)
     for name, value in data.items():
-        print(f"{name:>26}: {value}")
+        print(f"{name:>{width}}: {'-' if value is None else value}")
     return 0
 
 

@@ -315,21 +315,32 @@ class Deliverer:
 
     async def _after_crash(self, ticket: ClaimedTicket) -> str:
         """A bug or a lost database inside one delivery: retry later, look up first."""
+        return await self.hand_back(
+            ticket, delay=self.rules.backoff_unit, reason="internal error", give_back=False
+        )
+
+    async def hand_back(
+        self, ticket: ClaimedTicket, *, delay: float, reason: str, give_back: bool
+    ) -> str:
+        """Put a row whose send may have gone out back to pending; it is looked up first.
+
+        Never raises for a lost database: the lease then expires and brings the row back.
+        """
         try:
             applied = await store.record_retry(
                 self.pool,
                 ticket,
-                delay=self.rules.backoff_unit,
-                reason="internal error",
+                delay=delay,
+                reason=reason,
                 http_status=None,
-                give_back=False,
+                give_back=give_back,
                 outcome_unknown=True,
             )
         except CONNECTION_ERRORS as exc:
             log.warning(
-                "could not record a crashed delivery; the lease will expire",
+                "could not hand a row back; its lease will expire",
                 queue_id=ticket.id,
-                error=str(exc),
+                error=f"{type(exc).__name__}: {exc}",
             )
             return LOST
         return RETRY if applied else LOST

@@ -198,20 +198,9 @@ class Worker:
 
     async def _release(self, ticket: ClaimedTicket) -> None:
         """Hand a cancelled delivery's row back now; it may have been sent, so look up first."""
-        try:
-            await store.record_retry(
-                self.pool,
-                ticket,
-                delay=0,
-                reason="worker stopped during delivery",
-                http_status=None,
-                give_back=True,
-                outcome_unknown=True,
-            )
-        except CONNECTION_ERRORS as exc:
-            log.warning(
-                "could not release a row; its lease will expire", queue_id=ticket.id, error=str(exc)
-            )
+        await self.deliverer.hand_back(
+            ticket, delay=0, reason="worker stopped during delivery", give_back=True
+        )
 
     def _status_text(self) -> str:
         paused = self.deliverer.gate.paused_for()
